@@ -39,11 +39,11 @@ def train_loop_per_worker(config: dict) -> None:
 
     from lasb.train import save_models, train_models
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
+                        force=True)  # Ray preconfigures the root logger at WARNING
     cfg = from_dict(config["cfg"])
     ctx = ray.train.get_context()
-    if ctx.get_world_size() > 1 or torch.get_num_threads() > 1:
-        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    torch.set_num_threads(cfg.train.torch_threads or max(1, int(cfg.train.cpus_per_worker)))
     shard = ray.train.get_dataset_shard("train")
     batches = iter(shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True))
 

@@ -155,8 +155,8 @@ def train_models(
     t0 = time.perf_counter()
     for step in range(1, codec_steps + 1):
         b = next_batch()
-        # the codec sees normal and defective images: the bridge needs both encoded faithfully
-        x = torch.cat([to_model_input(b["x0"], device), to_model_input(b["x1"], device)])
+        # x1 mixes normal and defective images: the bridge needs both encoded faithfully
+        x = to_model_input(b["x1"], device)
         logs = codec_step(train_codec, opt, x, cfg, perceptual)
         sched_lr.step()
         if step % cfg.train.log_every == 0 or step == codec_steps:
