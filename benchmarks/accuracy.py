@@ -24,11 +24,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from jobs import train as train_job  # noqa: E402
-from lasb import metrics  # noqa: E402
-from lasb.config import load_config, to_dict  # noqa: E402
-from lasb.detector import Detector  # noqa: E402
-from lasb.evaluate import format_table, load_test_split, score_split  # noqa: E402
+from jobs import train as train_job
+from lasb import metrics
+from lasb.config import load_config, to_dict
+from lasb.detector import Detector
+from lasb.evaluate import format_table, load_test_split, score_split
+
+log = logging.getLogger("lasb.benchmark")
 
 
 def run_category(data: str, category: str, registry: str, storage: str, overrides: list[str],
@@ -38,7 +40,7 @@ def run_category(data: str, category: str, registry: str, storage: str, override
     version = train_job.run(cfg, data, category, registry, storage)
     train_s = time.perf_counter() - t0
     det = Detector.load(registry, category, version)
-    samples, images, masks, labels, errors = load_test_split(
+    _, images, masks, labels, errors = load_test_split(
         data, category, cfg.data.image_size, cfg.data.max_pixels)
     rows = {}
     settings = [("codec only (no bridge)", {"use_bridge": False})]
@@ -48,14 +50,14 @@ def run_category(data: str, category: str, registry: str, storage: str, override
         raw, ms = score_split(det, images, **kw)
         rows[name] = {**metrics.evaluate(labels, raw.scores, masks, raw.maps),
                       "ms_per_image": ms}
-        logging.info("%s %s: %s", category, name, rows[name])
+        log.info("%s %s: %s", category, name, rows[name])
     cal = det.calibration
     return {
         "category": category,
         "version": version,
         "config": to_dict(cfg),
         "train_seconds_total": train_s,
-        "n_test": int(len(images)),
+        "n_test": len(images),
         "n_test_unreadable": len(errors),
         "pseudo_validation": cal["pseudo_validation"],
         "threshold": cal["threshold"],

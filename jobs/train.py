@@ -25,7 +25,7 @@ import numpy as np
 from jobs.common import init_ray
 from lasb import artifacts
 from lasb.augment import load_anomaly_source
-from lasb.config import Config, from_dict, load_config, to_dict
+from lasb.config import Config, dump_yaml, from_dict, load_config, to_dict
 from lasb.data import list_samples, load_samples, split_holdout
 
 log = logging.getLogger("lasb.train")
@@ -133,7 +133,8 @@ def publish_trained(checkpoint_dir: str, cfg: Config, holdout: np.ndarray, regis
     from lasb.detector import Detector
 
     det = Detector.from_dir(checkpoint_dir, verify=False, category=category)
-    calibration = calibrate(det, holdout, cfg.score.calibration_seed)
+    calibration, det = calibrate(det, holdout, cfg.score.calibration_seed,
+                                 select=cfg.score.select)
     pv = calibration["pseudo_validation"]
     log.info("calibrated on %d normal + %d synthetic: threshold %.4g, pseudo-val image AUROC "
              "%.3f, pixel AUROC %.3f", len(holdout), len(holdout), calibration["threshold"],
@@ -141,7 +142,7 @@ def publish_trained(checkpoint_dir: str, cfg: Config, holdout: np.ndarray, regis
     with tempfile.TemporaryDirectory() as staging:
         for part in ("codec", "denoiser"):
             shutil.copytree(Path(checkpoint_dir) / part, Path(staging) / part)
-        shutil.copy(Path(checkpoint_dir) / "config.yaml", staging)
+        (Path(staging) / "config.yaml").write_text(dump_yaml(det.cfg))  # with chosen scoring
         (Path(staging) / "calibration.json").write_text(json.dumps(calibration, indent=2))
         metrics = {"pseudo_validation": pv, **(extra_metrics or {})}
         (Path(staging) / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -166,7 +167,7 @@ def run(cfg: Config, data: str, category: str, registry: str, storage: str | Non
     with result.checkpoint.as_directory() as ckpt:
         version = publish_trained(ckpt, cfg, holdout, registry, category,
                                   {"train_seconds": train_seconds,
-                                   "n_train_images": int(len(images))})
+                                   "n_train_images": len(images)})
     log.info("published %s/%s/%s after %.0f s", registry, category, version,
              time.perf_counter() - t0)
     return version

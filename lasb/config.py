@@ -81,6 +81,7 @@ class ScoreConfig:
     sigma: float = 4.0  # Gaussian smoothing in pixels at 256 px (scaled with image_size)
     image_score: str = "max"  # "max" or "topk" (mean of the top `topk` fraction of the map)
     topk: float = 0.01
+    select: bool = True  # choose layers/compare/image_score on pseudo-validation after training
     calibration_seed: int = 12345  # synthetic defects for calibration differ from training's
     batch_size: int = 16
     map_threshold_quantile: float = 0.995  # fallback pixel threshold without synthetic masks

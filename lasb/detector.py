@@ -7,6 +7,7 @@ raw_score, threshold, category, model_version.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from torch.nn import functional as F
 
 from lasb import artifacts, bridge
 from lasb.codec import Codec
-from lasb.config import Config, config_from_yaml
+from lasb.config import Config, ScoreConfig, config_from_yaml
 from lasb.data import resize_image
 from lasb.denoiser import Denoiser
 from lasb.features import build_backbone, feature_distance, gaussian_smooth
@@ -37,6 +38,18 @@ class RawOutput:
 
 def _to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def score_maps(backbone, reference: torch.Tensor, repaired: torch.Tensor,
+               cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image scores (B,), smoothed maps (B,H,W)) from the feature distance of two batches."""
+    dist = feature_distance(backbone, reference, repaired)
+    maps = gaussian_smooth(dist, cfg.score.sigma * cfg.data.image_size / 256)
+    flat = maps.flatten(1)
+    if cfg.score.image_score == "max":
+        return flat.max(1).values, maps
+    k = max(1, int(cfg.score.topk * flat.shape[1]))
+    return flat.topk(k, dim=1).values.mean(1), maps
 
 
 def normalise(values: np.ndarray, threshold: float, vmin: float, vmax: float) -> np.ndarray:
@@ -109,7 +122,7 @@ class Detector:
             return recon, recon
         nfe = nfe or self.cfg.bridge.nfe
         sampler = sampler or self.cfg.bridge.sampler
-        eps_fn = lambda x_n, n: self.denoiser(x_n, n, z1)  # noqa: E731
+        eps_fn = lambda x_n, n: self.denoiser(x_n, n, z1)
         z0 = bridge.sample(eps_fn, self.sched, z1, nfe, ot_ode=sampler == "ot_ode",
                            noise_fn=self._noise_fn(x.shape[0]))
         return recon, self.codec.decode(z0)
@@ -118,31 +131,30 @@ class Detector:
     def raw(self, images: list[np.ndarray] | torch.Tensor, nfe: int | None = None,
             sampler: str | None = None, use_bridge: bool = True) -> RawOutput:
         """Raw smoothed maps and scores at the working resolution, in batches."""
-        x_all = images if isinstance(images, torch.Tensor) else None
-        n = len(images)
-        bs = self.cfg.score.batch_size
         out: list[tuple] = []
-        for lo in range(0, n, bs):
-            x = x_all[lo:lo + bs] if x_all is not None else self.preprocess(images[lo:lo + bs])
-            recon, repaired = self.repair(x, nfe, sampler, use_bridge)
-            if not use_bridge or self.cfg.score.compare == "input":
-                reference = x  # codec-only baseline compares the input with its reconstruction
-            else:
-                reference = recon
-            dist = feature_distance(self.backbone, reference, repaired)
-            sigma = self.cfg.score.sigma * self.cfg.data.image_size / 256
-            maps = gaussian_smooth(dist, sigma)
-            out.append((self._image_score(maps).cpu().numpy(), maps.cpu().numpy(),
-                        _to_uint8(repaired), _to_uint8(reference)))
+        for x, recon, repaired in self.repairs(images, nfe, sampler, use_bridge):
+            # codec-only baseline compares the input with its reconstruction
+            reference = x if not use_bridge or self.cfg.score.compare == "input" else recon
+            scores, maps = score_maps(self.backbone, reference, repaired, self.cfg)
+            out.append((scores.cpu().numpy(), maps.cpu().numpy(), _to_uint8(repaired),
+                        _to_uint8(reference)))
         cat = [np.concatenate([o[i] for o in out]) for i in range(4)]
         return RawOutput(*cat)
 
-    def _image_score(self, maps: torch.Tensor) -> torch.Tensor:
-        flat = maps.flatten(1)
-        if self.cfg.score.image_score == "max":
-            return flat.max(1).values
-        k = max(1, int(self.cfg.score.topk * flat.shape[1]))
-        return flat.topk(k, dim=1).values.mean(1)
+    def repairs(self, images: list[np.ndarray] | torch.Tensor, nfe: int | None = None,
+                sampler: str | None = None, use_bridge: bool = True):
+        """Yield (input, reconstruction, repaired) tensors batch by batch."""
+        bs = self.cfg.score.batch_size
+        for lo in range(0, len(images), bs):
+            chunk = images[lo:lo + bs]
+            x = chunk if isinstance(chunk, torch.Tensor) else self.preprocess(chunk)
+            yield (x, *self.repair(x, nfe, sampler, use_bridge))
+
+    def with_scoring(self, score: ScoreConfig) -> Detector:
+        """The same models with other scoring settings (used by the pseudo-validation search)."""
+        cfg = dataclasses.replace(self.cfg, score=score)
+        return Detector(cfg, self.codec, self.denoiser, self.calibration, self.category,
+                        self.version, self.device)
 
     def predict(self, images: list[np.ndarray], return_maps: bool = True) -> list[dict]:
         """Score decoded RGB uint8 images (any size); one response dict per image."""
