@@ -11,7 +11,8 @@ log = logging.getLogger(__name__)
 # silent stall of a starved Data pipeline, no duplicated worker prints, no hub access.
 RAY_ENV_DEFAULTS = {
     "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "120",
+    # long enough for a slow trainer to take its next block, short of a silent 30-min stall
+    "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "600",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     "HF_HUB_OFFLINE": "1",
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",

@@ -76,7 +76,8 @@ def training_dataset(images: np.ndarray, cfg: Config, source=None):
     from lasb.pairs import make_pairs
 
     n_rows = stream_rows(cfg)
-    blocks = max(4, n_rows // (cfg.train.batch_size * 25))
+    # small blocks: the no-progress guard counts time between blocks taken by the trainer
+    blocks = max(4, n_rows // (cfg.train.batch_size * 4))
     return ray.data.range(n_rows, override_num_blocks=blocks).map_batches(
         make_pairs,
         batch_size=cfg.train.batch_size,
@@ -179,6 +180,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--registry", required=True, help="model registry (folder or s3://)")
     p.add_argument("--preset", default="cpu", help="tiny | cpu | paper")
     p.add_argument("--config", help="YAML file with config overrides")
+    p.add_argument("--tuned", action="store_true", help="use the config lasb tune found: "
+                   "<registry>/<category>/tuning/best.yaml (instead of --config)")
     p.add_argument("--workers", type=int, help="Ray Train workers (default from config)")
     p.add_argument("--gpus-per-worker", type=float)
     p.add_argument("--storage", help="Ray Train storage path for checkpoints (default ./runs)")
@@ -192,7 +195,15 @@ def main(args: argparse.Namespace) -> int:
         overrides.append(f"train.workers={args.workers}")
     if args.gpus_per_worker is not None:
         overrides.append(f"train.gpus_per_worker={args.gpus_per_worker}")
-    cfg = load_config(args.preset, args.config, overrides)
+    config = args.config
+    if getattr(args, "tuned", False):
+        if config:
+            raise ValueError("--tuned and --config both name a config file: give one")
+        from jobs.tune import fetch_best_config
+
+        config = fetch_best_config(args.registry, args.category)
+        log.info("training with the tuned config %s", config)
+    cfg = load_config(args.preset, config, overrides)
     version = run(cfg, args.data, args.category, args.registry, args.storage, args.address)
     print(f"published {args.category} version {version} to {args.registry}")
     return 0

@@ -18,7 +18,7 @@ import secrets
 import tempfile
 from pathlib import Path
 
-import fsspec
+from lasb import storage
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def check_name(kind: str, name: str) -> str:
 
 
 def _fs(url: str):
-    return fsspec.core.url_to_fs(url)
+    return storage.filesystem(url)
 
 
 def _join(base: str, *parts: str) -> str:
@@ -178,9 +178,15 @@ def fetch(registry: str, category: str, version: str = "latest",
     fs.get(src + "/", str(tmp) + "/", recursive=True)
     verify(tmp)
     local.parent.mkdir(parents=True, exist_ok=True)
-    if local.exists():
-        import shutil
+    import shutil
 
-        shutil.rmtree(local)
-    tmp.rename(local)
+    try:
+        tmp.rename(local)  # atomic; fails when another process (actor) got there first
+    except OSError:
+        try:
+            verify(local)  # the other process's complete copy: use it
+            shutil.rmtree(tmp, ignore_errors=True)
+        except ArtifactError:  # a stale broken copy: replace it
+            shutil.rmtree(local, ignore_errors=True)
+            tmp.rename(local)
     return local, version

@@ -1,4 +1,5 @@
-"""`lasb` command line: one subcommand per job (`lasb train`, `lasb eval`, `lasb demo`)."""
+"""`lasb` command line: one subcommand per job (`lasb train`, `lasb eval`, `lasb demo`,
+`lasb serve`)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,10 @@ def _eval_main(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from jobs import demo as demo_job
+    from jobs import score as score_job
     from jobs import train as train_job
+    from jobs import tune as tune_job
+    from serve import cli as serve_cli
 
     parser = argparse.ArgumentParser(prog="lasb", description="Latent Anomaly Schrödinger Bridge")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -31,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one category on Ray and publish it to a registry")
     train_job.add_arguments(p)
     p.set_defaults(func=train_job.main)
+
+    p = sub.add_parser("tune", help="search hyperparameters of a category (Ray Tune + Optuna) "
+                       "on pseudo-validation; best config to the registry")
+    tune_job.add_arguments(p)
+    p.set_defaults(func=tune_job.main)
 
     p = sub.add_parser("eval", help="metrics and a visual report on a category's test split")
     p.add_argument("--data", required=True, help="MVTec-layout root folder")
@@ -42,9 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=["stochastic", "ot_ode"])
     p.set_defaults(func=_eval_main)
 
+    p = sub.add_parser("score", help="batch-score images (folder, s3:// or Parquet) to Parquet")
+    score_job.add_arguments(p)
+    p.set_defaults(func=score_job.main)
+
     p = sub.add_parser("demo", help="generate a small texture category, train, evaluate, report")
     demo_job.add_arguments(p)
     p.set_defaults(func=demo_job.main)
+
+    p = sub.add_parser("serve", help="online scoring API (Ray Serve) for a registry's models")
+    serve_cli.add_arguments(p)
+    p.set_defaults(func=serve_cli.main)
     return parser
 
 

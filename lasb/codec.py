@@ -7,28 +7,31 @@ bridge's largest std is ~0.19, so unscaled latents would see almost no noise.
 
 from __future__ import annotations
 
+import tempfile
+
 import torch
 from diffusers import AutoencoderKL, VQModel
 from torch import nn
 from torch.nn import functional as F
 
+from lasb import storage
 from lasb.config import CodecConfig
 
 
 def build_codec_model(cfg: CodecConfig) -> nn.Module:
     n = len(cfg.block_out_channels)
-    common = dict(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=tuple(cfg.block_out_channels),
-        layers_per_block=cfg.layers_per_block,
-        latent_channels=cfg.latent_channels,
-        norm_num_groups=cfg.norm_num_groups,
-        mid_block_add_attention=False,  # attention over the full latent grid is costly on CPU
-        scaling_factor=1.0,
-    )
+    common = {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D",) * n,
+        "up_block_types": ("UpDecoderBlock2D",) * n,
+        "block_out_channels": tuple(cfg.block_out_channels),
+        "layers_per_block": cfg.layers_per_block,
+        "latent_channels": cfg.latent_channels,
+        "norm_num_groups": cfg.norm_num_groups,
+        "mid_block_add_attention": False,  # attention over the full latent grid is costly on CPU
+        "scaling_factor": 1.0,
+    }
     if cfg.kind == "vq":
         return VQModel(num_vq_embeddings=cfg.num_vq_embeddings, **common)
     return AutoencoderKL(**common)
@@ -87,7 +90,12 @@ def build_codec(cfg: CodecConfig) -> Codec:
 
 
 def load_codec(folder: str, kind: str) -> Codec:
-    """Load from a local folder in diffusers save_pretrained layout (safetensors)."""
+    """Load from a folder (local or s3://) in diffusers save_pretrained layout (safetensors)."""
+    if not storage.is_local(folder):  # from_pretrained reads local files: copy the folder first
+        fs, path = storage.filesystem(folder)
+        local = tempfile.mkdtemp(prefix="lasb-codec-")
+        fs.get(path.rstrip("/") + "/", local + "/", recursive=True)
+        folder = local
     cls = VQModel if kind == "vq" else AutoencoderKL
     return Codec(cls.from_pretrained(folder, use_safetensors=True))
 

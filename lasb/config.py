@@ -84,7 +84,6 @@ class ScoreConfig:
     select: bool = True  # choose layers/compare/image_score on pseudo-validation after training
     calibration_seed: int = 12345  # synthetic defects for calibration differ from training's
     batch_size: int = 16
-    map_threshold_quantile: float = 0.995  # fallback pixel threshold without synthetic masks
 
 
 @dataclass

@@ -22,9 +22,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import fsspec
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from lasb import storage
 
 logger = logging.getLogger(__name__)
 
@@ -163,8 +164,8 @@ def decode_mask(data: bytes, uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
 
 
 def read_bytes(path: str) -> bytes:
-    """Read a whole file through fsspec (local paths and URIs such as ``s3://``)."""
-    with fsspec.open(path, "rb") as f:
+    """Read a whole file through lasb.storage (local paths and URIs such as ``s3://``)."""
+    with storage.open_url(path, "rb") as f:
         return f.read()
 
 

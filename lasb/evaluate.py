@@ -47,7 +47,7 @@ def evaluate(detector, data: str, category: str, out_dir: str | None = None, **r
         raise ValueError(f"the test split of {category!r} needs both normal and defective images")
     raw, ms = score_split(detector, images, **raw_kw)
     result = metrics.evaluate(labels, raw.scores, masks, raw.maps)
-    result.update({"n_images": int(len(images)), "n_defective": int(labels.sum()),
+    result.update({"n_images": len(images), "n_defective": int(labels.sum()),
                    "n_unreadable": len(errors), "ms_per_image": ms})
     if detector.calibration:
         pred = raw.scores >= detector.calibration["threshold"]

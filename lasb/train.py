@@ -59,12 +59,16 @@ class EMA:
 
     def __init__(self, module: nn.Module, decay: float):
         self.decay = decay
+        self.updates = 0
         self.shadow = copy.deepcopy(module).eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
+        # warm-up (1+t)/(10+t): without it, 0.999^800 = 45% of the random init would remain
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         for e, p in zip(self.shadow.parameters(), module.parameters()):
-            e.lerp_(p, 1.0 - self.decay)
+            e.lerp_(p, 1.0 - decay)
         for e, b in zip(self.shadow.buffers(), module.buffers()):
             e.copy_(b)
 
@@ -115,11 +119,14 @@ def train_models(
     device: torch.device | None = None,
     wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
     report: Report | None = None,
+    probe: Callable[[Codec, Denoiser, int], dict] | None = None,
 ) -> TrainedModels:
     """Stage 1 (codec) then stage 2 (bridge) on one stream of batches.
 
     `wrap` is identity in-process and `ray.train.torch.prepare_model` under Ray Train (DDP);
-    `report` receives progress dicts every `train.log_every` steps.
+    `report` receives progress dicts every `train.log_every` steps. `probe(codec, ema_denoiser,
+    step)`, if given, is called at each stage-2 progress point and its dict joins the entry
+    (lasb tune evaluates pseudo-validation there); its time is not counted in sec_per_step.
     """
     device = device or resolve_device()
     torch.manual_seed(cfg.train.seed)
@@ -166,8 +173,8 @@ def train_models(
 
     # ---- latent scale ---------------------------------------------------------------------
     if not cfg.codec.pretrained or codec.scale == 1.0:
-        probe = [to_model_input(next_batch()["x0"], device) for _ in range(2)]
-        scale = _all_reduce_mean(measure_scale(codec, probe), device)
+        scale_batches = [to_model_input(next_batch()["x0"], device) for _ in range(2)]
+        scale = _all_reduce_mean(measure_scale(codec, scale_batches), device)
         codec.set_scale(scale)
         emit({"stage": "scale", "latent_scale": scale})
 
@@ -192,8 +199,13 @@ def train_models(
         running += logs["loss"]
         if step % cfg.train.log_every == 0 or step == cfg.denoiser.steps:
             n = cfg.train.log_every if step % cfg.train.log_every == 0 else step % cfg.train.log_every
-            emit({"stage": "bridge", "step": step, "loss": running / n,
-                  "sec_per_step": (time.perf_counter() - t0) / step})
+            entry = {"stage": "bridge", "step": step, "loss": running / n,
+                     "sec_per_step": (time.perf_counter() - t0) / step}
+            if probe is not None:
+                t_probe = time.perf_counter()
+                entry.update(probe(codec, ema.shadow, step))
+                t0 += time.perf_counter() - t_probe
+            emit(entry)
             running = 0.0
     return TrainedModels(codec=codec, denoiser=ema.shadow, history=history)
 

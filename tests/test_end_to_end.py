@@ -31,9 +31,10 @@ def test_published_artifact_is_complete_and_calibrated(tiny_model):
 
 def test_tiny_model_scores_real_drawn_defects_clearly_above_chance(detector, tiny_model):
     result = evaluate(detector, tiny_model["data"], tiny_model["category"])
-    assert result["n_images"] == 30 and result["n_defective"] == 18
-    assert result["image_auroc"] > 0.75, result
-    assert result["pixel_auroc"] > 0.75, result
+    assert result["n_images"] == 50 and result["n_defective"] == 30
+    # chance is 0.5; 30 defects vs 20 normals put chance results above 0.7 with p < 0.01
+    assert result["image_auroc"] > 0.7, result
+    assert result["pixel_auroc"] > 0.7, result
 
 
 def test_predict_follows_the_response_contract(detector, tiny_model):

@@ -80,3 +80,16 @@ def test_training_stream_is_the_same_however_it_is_split():
     # each epoch of 5 rows shows every image exactly once, in a seeded order
     epoch0 = whole["x0"][:5].reshape(5, -1)
     assert sorted(map(bytes, epoch0)) == sorted(map(bytes, images.reshape(5, -1)))
+
+
+def test_ema_warm_up_forgets_the_random_initialisation():
+    from lasb.train import EMA
+
+    net = torch.nn.Linear(4, 4)
+    ema = EMA(net, decay=0.999)
+    with torch.no_grad():
+        net.weight.add_(1.0)  # the trained weights move away from the initialisation
+    for _ in range(200):
+        ema.update(net)
+    # plain 0.999 decay would still hold 0.999**200 = 82% of the initial weights
+    torch.testing.assert_close(ema.shadow.weight, net.weight, atol=0.06, rtol=0)
