@@ -59,7 +59,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     runtime_env = {"env_vars": {k: os.environ[k] for k in RAY_ENV_DEFAULTS},
                    "worker_process_setup_hook": "jobs.common.calm_streaming_executor"}
     if address:
-        ray.init(address=address, runtime_env=runtime_env)
+        # inside `ray job submit` the job's runtime_env already sets env vars; Ray refuses to
+        # merge overlapping keys, so only the setup hook is added here
+        ray.init(address=address,
+                 runtime_env={"worker_process_setup_hook": runtime_env["worker_process_setup_hook"]})
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local single-user cluster
     ray.init(num_cpus=num_cpus or os.cpu_count(), runtime_env=runtime_env)

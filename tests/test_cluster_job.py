@@ -1,10 +1,13 @@
 """A real local cluster (`ray start --head`), a tiny training job submitted through the Jobs API."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -27,12 +30,15 @@ def local_cluster(tmp_path):
     port, dash = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    temp = tmp_path / "ray"
-    subprocess.run(
+    # short path: Ray's unix sockets live under it and must stay below 107 characters
+    temp = Path(tempfile.mkdtemp(prefix="lasb-ray-", dir="/tmp"))
+    started = subprocess.run(
         [str(ray_bin), "start", "--head", "--num-cpus", "2", "--port", str(port),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-         "--include-dashboard", "true", "--disable-usage-stats", "--temp-dir", str(temp)],
-        check=True, env=env, capture_output=True, timeout=120)
+         "--dashboard-agent-listen-port", str(free_port()), "--include-dashboard", "true",
+         "--disable-usage-stats", "--temp-dir", str(temp)],
+        env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
     try:
         yield f"http://127.0.0.1:{dash}"
     finally:
@@ -50,6 +56,7 @@ def local_cluster(tmp_path):
         _, alive = psutil.wait_procs(procs, timeout=15)
         for p in alive:
             p.kill()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_training_job_submitted_through_the_jobs_api_publishes_a_model(
@@ -59,14 +66,24 @@ def test_training_job_submitted_through_the_jobs_api_publishes_a_model(
     address = local_cluster
     registry = tmp_path / "registry"
     client = JobSubmissionClient(address)
-    job = client.submit_job(
-        entrypoint=(f"python -m jobs.train --data {demo_data} --category demo_texture "
+    submit = partial(
+        client.submit_job,
+        # the venv's interpreter: `python` on PATH may be another one here
+        entrypoint=(f"{sys.executable} -m jobs.train --data {demo_data} --category demo_texture "
                     f"--registry {registry} --storage {tmp_path / 'runs'} --preset tiny "
                     "codec.steps=10 denoiser.steps=20"),
         runtime_env={"working_dir": str(ROOT), "excludes": [".venv", ".git", "demo_out",
                                                              "runs", "benchmarks/results"],
                      "env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}},
     )
+    for attempt in range(30):  # the job agent comes up a few seconds after `ray start`
+        try:
+            job = submit()
+            break
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or attempt == 29:
+                raise
+            time.sleep(2)
     deadline = time.time() + 400
     status = client.get_job_status(job)
     while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
