@@ -11,7 +11,6 @@ import logging
 
 import numpy as np
 import torch
-from sklearn.metrics import precision_recall_curve
 
 from lasb import metrics
 from lasb.augment import AugmentConfig, synthesize_batch
@@ -32,12 +31,6 @@ def pseudo_validation_set(normals: np.ndarray, seed: int, augment: AugmentConfig
     labels = np.r_[np.zeros(len(normals), int), np.ones(len(defects), int)]
     all_masks = np.concatenate([np.zeros(normals.shape[:3], bool), masks > 0.5])
     return images, labels, all_masks
-
-
-def _f1_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
-    precision, recall, thresholds = precision_recall_curve(labels, scores)
-    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
-    return float(thresholds[np.argmax(f1[:-1])])
 
 
 # Scoring choices searched on pseudo-validation (the bridge runs once; only scoring varies).
@@ -95,12 +88,12 @@ def calibrate(detector, normals: np.ndarray, seed: int, source=None,
         detector = detector.with_scoring(best)
     raw = detector.raw(list(images))
     scores, maps = raw.scores, raw.maps
-    threshold = _f1_threshold(labels, scores)
+    threshold = metrics.threshold_at_f1_max(labels, scores)
     # the pixel threshold is fitted on a subsample of pixels: exact enough, bounded memory
     rng = np.random.default_rng(seed)
     flat_maps, flat_masks = maps.reshape(-1), masks.reshape(-1)
     take = rng.choice(flat_maps.size, size=min(flat_maps.size, 2_000_000), replace=False)
-    pixel_threshold = _f1_threshold(flat_masks[take], flat_maps[take])
+    pixel_threshold = metrics.threshold_at_f1_max(flat_masks[take], flat_maps[take])
     result = {
         "threshold": threshold,
         "score_min": float(scores.min()),

@@ -24,7 +24,8 @@ def cluster():
 
 
 def test_cluster_yaml_is_valid_for_the_ray_autoscaler(schema, cluster):
-    jsonschema.Draft7Validator(schema).validate(cluster)
+    errors = [e.message for e in jsonschema.Draft7Validator(schema).iter_errors(cluster)]
+    assert errors == []
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     validate_config(prepare_config(cluster))  # Ray's own checks after merging AWS defaults
