@@ -71,6 +71,10 @@ class TrainConfig:
     gpus_per_worker: float = 0.0  # > 0 requests GPUs from Ray; the device is chosen automatically
     log_every: int = 50
     data_concurrency: int = 1  # Ray Data tasks making synthetic-defect pairs
+    checkpoint_every: int = 200  # steps between resumable checkpoints (0 = only the final one)
+    keep_checkpoints: int = 2  # Ray Train CheckpointConfig(num_to_keep)
+    max_failures: int = 2  # Ray Train FailureConfig: worker restarts before the run fails
+    mixed_precision: bool = True  # fp16 autocast + GradScaler, used on CUDA only
 
 
 @dataclass
@@ -122,6 +126,10 @@ class Config:
                        f"divisible by {name}={groups}")
         _check(self.train.batch_size >= 1 and self.train.workers >= 1, "train.batch_size/workers",
                (self.train.batch_size, self.train.workers), ">= 1")
+        for key in ("checkpoint_every", "max_failures"):
+            _check(getattr(self.train, key) >= 0, f"train.{key}", getattr(self.train, key), ">= 0")
+        _check(self.train.keep_checkpoints >= 1, "train.keep_checkpoints",
+               self.train.keep_checkpoints, ">= 1")
         return self
 
     @property

@@ -73,31 +73,48 @@ class EMA:
             e.copy_(b)
 
 
-def codec_step(codec: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, cfg: Config,
-               perceptual=None) -> dict:
-    """One stage-1 step: reconstruction (+ feature) loss + KL / VQ commitment."""
-    loss, logs = codec(x, perceptual, cfg.codec.perceptual_weight, cfg.codec.kl_weight)
+def _optimize(loss: torch.Tensor, opt: torch.optim.Optimizer, params, scaler) -> None:
+    """backward + clip + step, through the GradScaler (a no-op pass-through when disabled)."""
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(codec.parameters(), 1.0)
-    opt.step()
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    scaler.step(opt)
+    scaler.update()
+
+
+def _autocast(x: torch.Tensor, amp: bool):
+    return torch.autocast(x.device.type, dtype=torch.float16, enabled=amp)
+
+
+_NO_SCALER = torch.amp.GradScaler("cpu", enabled=False)
+
+
+def codec_step(codec: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, cfg: Config,
+               perceptual=None, scaler=_NO_SCALER) -> dict:
+    """One stage-1 step: reconstruction (+ feature) loss + KL / VQ commitment."""
+    with _autocast(x, scaler.is_enabled()):
+        loss, logs = codec(x, perceptual, cfg.codec.perceptual_weight, cfg.codec.kl_weight)
+    _optimize(loss, opt, codec.parameters(), scaler)
     return {"loss": float(loss.detach()), **logs}
 
 
 def bridge_step(denoiser: nn.Module, opt: torch.optim.Optimizer, sched: bridge.Schedule,
                 z0: torch.Tensor, z1: torch.Tensor, cfg: Config,
-                generator: torch.Generator | None = None) -> dict:
-    """One stage-2 step: n ~ U{0..N-1}, x_n ~ q(x_n|x0,x1), MSE on (x_n - x0)/sigma_n."""
-    n = torch.randint(0, sched.n_steps, (z0.shape[0],), generator=generator).to(z0.device)
+                generator: torch.Generator | None = None, scaler=_NO_SCALER,
+                n: torch.Tensor | None = None) -> dict:
+    """One stage-2 step: n ~ U{0..N-1} (unless given), x_n ~ q(x_n|x0,x1), MSE on
+    (x_n - x0)/sigma_n."""
+    if n is None:
+        n = torch.randint(0, sched.n_steps, (z0.shape[0],), generator=generator)
+    n = n.to(z0.device)
     ot_ode = cfg.bridge.sampler == "ot_ode"
     x_n = bridge.q_sample(sched, n, z0, z1, ot_ode=ot_ode)
     target = bridge.training_target(sched, n, x_n, z0)
-    pred = denoiser(x_n, n, z1)
-    loss = F.mse_loss(pred, target)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(denoiser.parameters(), 1.0)
-    opt.step()
+    with _autocast(z0, scaler.is_enabled()):
+        pred = denoiser(x_n, n, z1)
+    loss = F.mse_loss(pred.float(), target)
+    _optimize(loss, opt, denoiser.parameters(), scaler)
     return {"loss": float(loss.detach())}
 
 
@@ -113,6 +130,11 @@ def _all_reduce_mean(value: float, device: torch.device) -> float:
     return value
 
 
+# (stage, step, build_state): the callee decides whether to build and store the state (under
+# DDP only rank 0 does; every rank must still call ray.train.report)
+SaveCheckpoint = Callable[[str, int, Callable[[], dict]], None]
+
+
 def train_models(
     cfg: Config,
     batches: Iterator[dict],
@@ -120,6 +142,8 @@ def train_models(
     wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
     report: Report | None = None,
     probe: Callable[[Codec, Denoiser, int], dict] | None = None,
+    checkpoint: SaveCheckpoint | None = None,
+    resume: dict | None = None,
 ) -> TrainedModels:
     """Stage 1 (codec) then stage 2 (bridge) on one stream of batches.
 
@@ -127,10 +151,16 @@ def train_models(
     `report` receives progress dicts every `train.log_every` steps. `probe(codec, ema_denoiser,
     step)`, if given, is called at each stage-2 progress point and its dict joins the entry
     (lasb tune evaluates pseudo-validation there); its time is not counted in sec_per_step.
+    `checkpoint` is called every `train.checkpoint_every` steps of either stage; `resume`, a
+    state it produced, continues from that step with models, EMA, optimizers, LR schedules,
+    GradScaler and RNG restored.
     """
     device = device or resolve_device()
     torch.manual_seed(cfg.train.seed)
-    history: list[dict] = []
+    state = resume or {}
+    resumed = state.get("stage")
+    history: list[dict] = list(state.get("history", []))
+    amp = cfg.train.mixed_precision and device.type == "cuda"
 
     def emit(entry: dict) -> None:
         history.append(entry)
@@ -145,6 +175,13 @@ def train_models(
         except StopIteration:
             raise RuntimeError("the training stream ended before all steps ran") from None
 
+    def due(step: int, last: int) -> bool:
+        every = cfg.train.checkpoint_every
+        return checkpoint is not None and every > 0 and step % every == 0 and step < last
+
+    if resumed:
+        emit({"stage": "resume", "from_stage": resumed, "from_step": state["step"]})
+
     # ---- stage 1: codec -------------------------------------------------------------------
     if cfg.codec.pretrained:
         codec = load_codec(cfg.codec.pretrained, cfg.codec.kind).to(device)
@@ -152,27 +189,46 @@ def train_models(
     else:
         codec = build_codec(cfg.codec).to(device)
         codec_steps = cfg.codec.steps
+    if resumed:
+        codec.model.load_state_dict(state["codec"])
+    first = state["step"] + 1 if resumed == "codec" else 1
+    if resumed == "bridge":
+        first = codec_steps + 1
     perceptual = None
-    if cfg.codec.perceptual_weight > 0 and cfg.score.backbone != "pixel":
+    if first <= codec_steps and cfg.codec.perceptual_weight > 0 and cfg.score.backbone != "pixel":
         backbone = build_backbone(cfg.score.backbone, cfg.score.layers, cfg.data.image_size)
         perceptual = perceptual_loss(backbone.to(device))
-    train_codec = wrap(codec) if codec_steps else codec
+    train_codec = wrap(codec) if first <= codec_steps else codec
     opt = torch.optim.AdamW(train_codec.parameters(), lr=cfg.codec.lr, weight_decay=0.0)
     sched_lr = _warmup(opt)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    if resumed == "codec":
+        opt.load_state_dict(state["opt"])
+        sched_lr.load_state_dict(state["lr"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"])
     t0 = time.perf_counter()
-    for step in range(1, codec_steps + 1):
+    for step in range(first, codec_steps + 1):
         b = next_batch()
         # x1 mixes normal and defective images: the bridge needs both encoded faithfully
         x = to_model_input(b["x1"], device)
-        logs = codec_step(train_codec, opt, x, cfg, perceptual)
+        logs = codec_step(train_codec, opt, x, cfg, perceptual, scaler)
         sched_lr.step()
         if step % cfg.train.log_every == 0 or step == codec_steps:
             emit({"stage": "codec", "step": step, **logs,
-                  "sec_per_step": (time.perf_counter() - t0) / step})
+                  "sec_per_step": (time.perf_counter() - t0) / (step - first + 1)})
+        if due(step, codec_steps):
+            checkpoint("codec", step, lambda step=step: {
+                "stage": "codec", "step": step, "codec": codec.model.state_dict(),
+                "opt": opt.state_dict(), "lr": sched_lr.state_dict(),
+                "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(),
+                "history": history})
     codec.eval().requires_grad_(False)
 
     # ---- latent scale ---------------------------------------------------------------------
-    if not cfg.codec.pretrained or codec.scale == 1.0:
+    if resumed == "bridge":
+        codec.set_scale(state["scale"])
+    elif not cfg.codec.pretrained or codec.scale == 1.0:
         scale_batches = [to_model_input(next_batch()["x0"], device) for _ in range(2)]
         scale = _all_reduce_mean(measure_scale(codec, scale_batches), device)
         codec.set_scale(scale)
@@ -185,28 +241,48 @@ def train_models(
     train_denoiser = wrap(denoiser)
     opt = torch.optim.AdamW(train_denoiser.parameters(), lr=cfg.denoiser.lr, weight_decay=0.0)
     sched_lr = _warmup(opt)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
     gen = torch.Generator().manual_seed(cfg.train.seed + 1)
+    first = 1
+    if resumed == "bridge":
+        denoiser.load_state_dict(state["denoiser"])
+        ema.shadow.load_state_dict(state["ema"])
+        ema.updates = state["ema_updates"]
+        opt.load_state_dict(state["opt"])
+        sched_lr.load_state_dict(state["lr"])
+        scaler.load_state_dict(state["scaler"])
+        gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+        first = state["step"] + 1
     t0 = time.perf_counter()
     running = 0.0
-    for step in range(1, cfg.denoiser.steps + 1):
+    for step in range(first, cfg.denoiser.steps + 1):
         b = next_batch()
         with torch.no_grad():
             z0 = codec.encode(to_model_input(b["x0"], device))
             z1 = codec.encode(to_model_input(b["x1"], device))
-        logs = bridge_step(train_denoiser, opt, sched, z0, z1, cfg, gen)
+        logs = bridge_step(train_denoiser, opt, sched, z0, z1, cfg, gen, scaler)
         sched_lr.step()
         ema.update(denoiser)
         running += logs["loss"]
         if step % cfg.train.log_every == 0 or step == cfg.denoiser.steps:
             n = cfg.train.log_every if step % cfg.train.log_every == 0 else step % cfg.train.log_every
             entry = {"stage": "bridge", "step": step, "loss": running / n,
-                     "sec_per_step": (time.perf_counter() - t0) / step}
+                     "sec_per_step": (time.perf_counter() - t0) / (step - first + 1)}
             if probe is not None:
                 t_probe = time.perf_counter()
                 entry.update(probe(codec, ema.shadow, step))
                 t0 += time.perf_counter() - t_probe
             emit(entry)
             running = 0.0
+        if due(step, cfg.denoiser.steps):
+            checkpoint("bridge", step, lambda step=step: {
+                "stage": "bridge", "step": step, "codec": codec.model.state_dict(),
+                "scale": codec.scale, "denoiser": denoiser.state_dict(),
+                "ema": ema.shadow.state_dict(), "ema_updates": ema.updates,
+                "opt": opt.state_dict(), "lr": sched_lr.state_dict(),
+                "scaler": scaler.state_dict(), "gen": gen.get_state(),
+                "torch_rng": torch.get_rng_state(), "history": history})
     return TrainedModels(codec=codec, denoiser=ema.shadow, history=history)
 
 
