@@ -147,6 +147,26 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def batching_ceiling(registry: str, category: str, batch: int, seconds: float = 6.0) -> dict:
+    """Detector.predict in this process, 1 thread (a Scorer replica's share): ms per image at
+    batch 1 vs `batch`. Their ratio bounds what batching can gain on this hardware."""
+    from lasb.detector import Detector
+
+    det = Detector.load(registry, category)
+    size = det.cfg.data.image_size
+    images = list(np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), np.uint8))
+    out = {}
+    for b in (1, batch):
+        det.predict(images[:b])  # first-call allocations
+        t0, n = time.perf_counter(), 0
+        while time.perf_counter() - t0 < seconds:
+            det.predict(images[:b])
+            n += b
+        out[f"ms_per_image_batch_{b}"] = 1000 * (time.perf_counter() - t0) / n
+    out["ratio"] = out["ms_per_image_batch_1"] / out[f"ms_per_image_batch_{batch}"]
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -186,6 +206,8 @@ def run(args: argparse.Namespace, work: str) -> int:
     registry, category = (args.registry, args.category) if args.registry else train_tiny(work)
     registry = registry if "://" in registry else os.path.abspath(registry)
     body = request_image(registry, category, args.image)
+    ceiling = batching_ceiling(registry, category, args.max_batch_size)
+    log.info("model alone, 1 thread: %s", ceiling)
 
     os.environ.setdefault("RAY_TMPDIR", work)
     # both apps' replicas must fit (2 x (Scorer 1 + Ingress 0.25) CPUs); one is busy at a time
@@ -222,6 +244,10 @@ def run(args: argparse.Namespace, work: str) -> int:
     met = ratio >= 3.0 and n_5xx == 0
     print(f"batched / unbatched throughput at concurrency {top}: {ratio:.2f}x; 5xx: {n_5xx}; "
           f"target (>= 3x, zero 5xx): {'met' if met else 'NOT met'}")
+    print(f"model alone (Detector.predict, 1 thread): "
+          f"{ceiling['ms_per_image_batch_1']:.1f} ms/image at batch 1, "
+          f"{ceiling[f'ms_per_image_batch_{args.max_batch_size}']:.1f} at batch "
+          f"{args.max_batch_size}: batching can gain at most {ceiling['ratio']:.2f}x here")
     # other work on the same cores changes every figure: record how busy the machine was
     load_after = os.getloadavg()
     print(f"load average (1 min) before / after: {load_before[0]:.1f} / {load_after[0]:.1f} "
@@ -234,6 +260,7 @@ def run(args: argparse.Namespace, work: str) -> int:
         "image_bytes": len(body),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "results": rows, "ratio_at_max_concurrency": ratio, "target_met": met,
+        "model_batching_ceiling": ceiling,
     }
     Path(args.out).mkdir(parents=True, exist_ok=True)
     path = Path(args.out) / f"serving-{dt.datetime.now():%Y%m%d-%H%M%S}.json"

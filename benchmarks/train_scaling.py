@@ -4,7 +4,8 @@
         [--configs preloaded,inline,ray1,ray2] [key=value ...]
 
 All configurations train the same `cpu` preset (128 px) for the same number of steps on the
-same generated category, one after the other in this process:
+same generated category, one after the other, each in a fresh subprocess (so no configuration
+inherits another's threads or Ray processes; Ray is started only for the Ray ones):
 
 - `preloaded`: `lasb.train.train_models` in-process on pairs made before the clock starts
   (pre-loaded tensors: no data work while training);
@@ -28,6 +29,7 @@ import json
 import logging
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -86,6 +88,31 @@ def under_ray(cfg, images, workers: int) -> list[dict]:
             return json.loads((Path(folder) / "history.json").read_text())
 
 
+def run_one(name: str, cfg, warmup: int) -> dict:
+    from jobs.common import init_ray
+    from jobs.train import load_training_images
+    from lasb.demo_data import make_demo_category
+
+    with tempfile.TemporaryDirectory() as data:
+        make_demo_category(data, "bench", size=cfg.data.image_size, n_train=64, n_test_good=0,
+                           n_test_defect=0, seed=0)
+        images, _ = load_training_images(data, "bench", cfg)
+        t0 = time.perf_counter()
+        if name in ("preloaded", "inline"):
+            history = in_process(cfg, images, preloaded=name == "preloaded")
+            workers = 1
+        else:
+            workers = int(name.removeprefix("ray"))
+            init_ray(num_cpus=workers + 1)  # workers + one data task, logically
+            history = under_ray(cfg, images, workers)
+    rates = stage_rates(history, warmup)
+    global_batch = cfg.train.batch_size * workers
+    return {"config": name, "workers": workers, "global_batch": global_batch,
+            "wall_s": time.perf_counter() - t0,
+            **{f"{k}_s_per_step": v for k, v in rates.items()},
+            **{f"{k}_samples_per_s": global_batch / v for k, v in rates.items()}}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--codec-steps", type=int, default=40)
@@ -93,41 +120,30 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--configs", default="preloaded,inline,ray1,ray2")
     p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
-    from jobs.common import init_ray
-    from jobs.train import load_training_images
     from lasb.config import load_config, to_dict
-    from lasb.demo_data import make_demo_category
 
     cfg = load_config("cpu", None, [f"codec.steps={args.codec_steps}",
                                     f"denoiser.steps={args.bridge_steps}",
                                     "train.log_every=10", *args.overrides])
+    if args.one:
+        print("ROW " + json.dumps(run_one(args.one, cfg, args.warmup)))
+        return 0
     load_before = os.getloadavg()[0]
     rows = []
-    with tempfile.TemporaryDirectory() as data:
-        make_demo_category(data, "bench", size=cfg.data.image_size, n_train=64, n_test_good=0,
-                           n_test_defect=0, seed=0)
-        images, _ = load_training_images(data, "bench", cfg)
-        for name in args.configs.split(","):
-            t0 = time.perf_counter()
-            if name in ("preloaded", "inline"):
-                history = in_process(cfg, images, preloaded=name == "preloaded")
-                workers = 1
-            else:
-                workers = int(name.removeprefix("ray"))
-                init_ray(num_cpus=2 + 1)  # workers + one data task, logically
-                history = under_ray(cfg, images, workers)
-            rates = stage_rates(history, args.warmup)
-            global_batch = cfg.train.batch_size * workers
-            row = {"config": name, "workers": workers, "global_batch": global_batch,
-                   "wall_s": time.perf_counter() - t0,
-                   **{f"{k}_s_per_step": v for k, v in rates.items()},
-                   **{f"{k}_samples_per_s": global_batch / v for k, v in rates.items()}}
-            log.info("%s", row)
-            rows.append(row)
+    for name in args.configs.split(","):
+        cmd = [sys.executable, __file__, "--one", name, "--codec-steps", str(args.codec_steps),
+               "--bridge-steps", str(args.bridge_steps), "--warmup", str(args.warmup),
+               *args.overrides]
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+        row = json.loads(next(line for line in done.stdout.splitlines()
+                              if line.startswith("ROW "))[4:])
+        log.info("%s", row)
+        rows.append(row)
 
     base = {r["config"]: r for r in rows}
     ratios = {}

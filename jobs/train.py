@@ -103,7 +103,7 @@ def stream_rows(cfg: Config) -> int:
 
 
 def training_dataset(images: np.ndarray, cfg: Config, source=None):
-    """Ray Data stream: ids -> (x0, x1, mask) via lasb.pairs.make_pairs on CPU tasks."""
+    """Ray Data stream: ids -> (x0, x1) via lasb.pairs.make_pairs on CPU tasks."""
     import ray
     import ray.data
 
@@ -117,7 +117,7 @@ def training_dataset(images: np.ndarray, cfg: Config, source=None):
         batch_size=cfg.train.batch_size,
         batch_format="numpy",
         fn_kwargs={"images": images, "augment": cfg.augment, "seed": cfg.train.seed,
-                   "source": source},
+                   "source": source, "with_mask": False},
         concurrency=cfg.train.data_concurrency,
         num_cpus=1,
     )

@@ -37,12 +37,15 @@ def make_pairs(
     augment: AugmentConfig,
     seed: int,
     source: list[np.ndarray] | None = None,
+    with_mask: bool = True,
 ) -> dict:
-    """batch {"id": int64 (B,)} -> {"x0", "x1": uint8 (B,H,W,3), "mask": float32 (B,H,W)}."""
+    """batch {"id": int64 (B,)} -> {"x0", "x1": uint8 (B,H,W,3), "mask": float32 (B,H,W)}.
+
+    Training does not use the mask: without it (`with_mask=False`) a row is 40% smaller."""
     ids = np.asarray(batch["id"], dtype=np.int64)
     x0 = images[image_indices(ids, len(images), seed)]
     x1, mask = synthesize_batch(x0, row_seeds(ids, seed), augment, source)
-    return {"x0": x0, "x1": x1, "mask": mask}
+    return {"x0": x0, "x1": x1, "mask": mask} if with_mask else {"x0": x0, "x1": x1}
 
 
 def iterate_pairs(images: np.ndarray, n_rows: int, batch_size: int, augment: AugmentConfig,
