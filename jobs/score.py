@@ -132,11 +132,13 @@ def list_inputs(input_url: str, fmt: str = "auto", exclude: str | None = None) -
         efs, eroot = storage.filesystem(exclude)
         if type(efs) is type(fs):
             files = [p for p in files if not (p + "/").startswith(eroot.rstrip("/") + "/")]
-    if fmt == "auto":
-        parquet = [p for p in files if p.endswith(".parquet")]
-        fmt = "parquet" if parquet and len(parquet) == len(files) else "images"
-    if fmt == "parquet":
-        return _list_parquet(fs, [p for p in files if p.endswith(".parquet")])
+    if fmt in ("auto", "parquet"):
+        # pyarrow's dataset convention: '_' files (lasb ingest's _rejects, _summary) are metadata
+        data = [p for p in files if not any(part.startswith("_")
+                                            for part in p[len(root):].split("/"))]
+        parquet = [p for p in data if p.endswith(".parquet")]
+        if fmt == "parquet" or (parquet and len(parquet) == len(data)):
+            return _list_parquet(fs, parquet)
     images = [p for p in files if p.lower().endswith(SUPPORTED_EXTENSIONS)]
     rel = [p[len(root) + 1:] if p != root else p.rsplit("/", 1)[-1] for p in images]
     if len(images) < len(files):

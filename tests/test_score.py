@@ -226,6 +226,9 @@ def test_parquet_shards_with_category_column(ray_local, registry, lake, tmp_path
         rows[0]["image"] = b"" if k == 0 else rows[0]["image"]  # one empty image
         uris += [r["uri"] for r in rows]
         pq.write_table(pa.Table.from_pylist(rows), shards / f"shard-{k}.parquet", row_group_size=2)
+    # metadata beside the shards, as `lasb ingest` writes it: not input rows
+    pq.write_table(pa.table({"uri": ["x"], "reason": ["empty"]}), shards / "_rejects.parquet")
+    (shards / "_summary.json").write_text("{}")
     summary = score_job.run(score_job.ScoreOptions(
         input=str(shards), registry=registry["path"], output=str(tmp_path / "out"),
         partition_size=3, batch_size=4))
