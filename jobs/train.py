@@ -151,20 +151,94 @@ def fit(cfg: Config, images: np.ndarray, storage: str, name: str, source=None):
 
 
 def load_training_images(data: str, category: str, cfg: Config):
-    """(train images, hold-out images) from train/good only; failures are reported, not hidden."""
-    samples = list_samples(data, category, "train")
-    train_s, hold_s = split_holdout(samples, cfg.data.holdout_fraction, cfg.train.seed)
-    out = []
-    for part, name in ((train_s, "train"), (hold_s, "hold-out")):
-        loaded = load_samples(part, cfg.data.image_size, cfg.data.max_pixels)
-        for err in loaded.errors:
-            log.warning("skipped %s image: %s", name, err)
-        if len(loaded.images) == 0:
+    """(train images, hold-out images) of a category's normal training images; failures are
+    reported, not hidden. `data` is an MVTec-layout folder or Parquet shards from `lasb ingest`
+    (local or s3://); only train-split rows labelled normal are read."""
+    if _is_mvtec_root(data, category):
+        samples = list_samples(data, category, "train")
+        train_s, hold_s = split_holdout(samples, cfg.data.holdout_fraction, cfg.train.seed)
+        out = []
+        for part, name in ((train_s, "train"), (hold_s, "hold-out")):
+            loaded = load_samples(part, cfg.data.image_size, cfg.data.max_pixels)
+            for err in loaded.errors:
+                log.warning("skipped %s image: %s", name, err)
+            out.append(loaded.images)
+        train, holdout = out
+    else:
+        train, holdout = shard_training_images(data, category, cfg)
+    for images, name in ((train, "train"), (holdout, "hold-out")):
+        if len(images) == 0:
             raise ValueError(f"no usable {name} images for {category!r} under {data}")
-        out.append(loaded.images)
     log.info("%s: %d training images, %d held out for calibration (%d px)", category,
-             len(out[0]), len(out[1]), cfg.data.image_size)
-    return out[0], out[1]
+             len(train), len(holdout), cfg.data.image_size)
+    return train, holdout
+
+
+def _is_mvtec_root(data: str, category: str) -> bool:
+    """MVTec folders are local with `<category>/train`; anything else holding Parquet shards is
+    read as shards (a local path without either gets list_samples' error naming the problem)."""
+    from lasb import storage as store
+    from lasb.ingest import shard_paths
+
+    if store.is_local(data) and os.path.isdir(os.path.join(data, category, "train")):
+        return True
+    return store.is_local(data) and not shard_paths(data)
+
+
+def _decode_rows(batch: dict, size: int, max_pixels: int) -> dict:
+    """Ray Data task: encoded bytes -> uint8 (B, size, size, 3); undecodable rows keep their
+    error text (shards were validated at ingest: this catches later damage)."""
+    from lasb.data import ImageDecodeError, decode_image, resize_image
+
+    images = np.zeros((len(batch["uri"]), size, size, 3), np.uint8)
+    errors = []
+    for i, (data, uri) in enumerate(zip(batch["image"], batch["uri"])):
+        try:
+            images[i] = resize_image(decode_image(bytes(data), str(uri), max_pixels), size)
+            errors.append("")
+        except ImageDecodeError as exc:
+            errors.append(str(exc))
+    return {"uri": np.asarray(batch["uri"], dtype=object), "pixels": images,
+            "error": np.asarray(errors, dtype=object)}
+
+
+def shard_training_images(uri: str, category: str, cfg: Config):
+    """Normal train-split images of `category` from Parquet shards, decoded and resized by Ray
+    Data tasks; the hold-out is split off by URI exactly as for folders."""
+    import ray.data
+    from ray.data.expressions import col, lit
+
+    from lasb import storage as store
+    from lasb.data import Sample
+    from lasb.ingest import shard_paths
+
+    shards = shard_paths(uri)
+    if not shards:
+        raise FileNotFoundError(f"{uri} is neither an MVTec-layout folder with {category}/train "
+                                "nor a folder of Parquet shards (make them with `lasb ingest`)")
+    init_ray(None, num_cpus=_cpus_needed(cfg))
+    fs, _ = store.pyarrow_filesystem(shards[0])
+    paths = [store.pyarrow_filesystem(s)[1] for s in shards]
+    # pushed down to the file scan: other categories' images are never read into memory
+    wanted = (col("category") == lit(category)) & (col("split") == lit("train")) & (
+        col("label") == lit(0))
+    ds = ray.data.read_parquet(paths, filesystem=fs).filter(expr=wanted)
+    rows = ds.select_columns(["image", "uri"]).map_batches(_decode_rows, batch_size=64, batch_format="numpy",
+                          fn_kwargs={"size": cfg.data.image_size,
+                                     "max_pixels": cfg.data.max_pixels}).take_all()
+    rows.sort(key=lambda r: r["uri"])
+    for r in rows:
+        if r["error"]:
+            log.warning("skipped training image: %s", r["error"])
+    rows = [r for r in rows if not r["error"]]
+    if not rows:
+        raise ValueError(f"no normal train-split rows of category {category!r} in the shards at "
+                         f"{uri}")
+    samples = [Sample(r["uri"], "train", 0, "good", None) for r in rows]
+    train_s, hold_s = split_holdout(samples, cfg.data.holdout_fraction, cfg.train.seed)
+    by_uri = {r["uri"]: r["pixels"] for r in rows}
+    return (np.stack([by_uri[s.path] for s in train_s]),
+            np.stack([by_uri[s.path] for s in hold_s]))
 
 
 def publish_trained(checkpoint_dir: str, cfg: Config, holdout: np.ndarray, registry: str,
