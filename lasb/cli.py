@@ -1,5 +1,5 @@
-"""`lasb` command line: one subcommand per job (`lasb train`, `lasb eval`, `lasb demo`,
-`lasb serve`)."""
+"""`lasb` command line: one subcommand per job (`lasb ingest`, `lasb train`, `lasb eval`,
+`lasb demo`, `lasb serve`)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ def _eval_main(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from jobs import demo as demo_job
+    from jobs import ingest as ingest_job
     from jobs import score as score_job
     from jobs import train as train_job
     from jobs import tune as tune_job
@@ -31,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lasb", description="Latent Anomaly Schrödinger Bridge")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ingest", help="images (MVTec folders or a lake, local or s3://) -> "
+                       "Parquet shards + rejects table, with Ray Data")
+    ingest_job.add_arguments(p)
+    p.set_defaults(func=ingest_job.main)
 
     p = sub.add_parser("train", help="train one category on Ray and publish it to a registry")
     train_job.add_arguments(p)

@@ -9,6 +9,13 @@ config, instance profile); this module never reads, passes on or logs them.
 :func:`worker_env` lists the non-secret storage settings of this process, so a Ray driver can
 hand them to its tasks and actors (``runtime_env={"env_vars": worker_env()}``) on a cluster
 whose workers were started without them.
+
+Retries are set here too, once for both clients (botocore under s3fs, and pyarrow's S3
+client): throttling (503 SlowDown) and transient errors (5xx, timeouts, dropped connections)
+are retried with exponential backoff and jitter. The standard AWS variables
+``AWS_MAX_ATTEMPTS`` and ``AWS_RETRY_MODE`` tune them; without them lasb uses 10 attempts in
+botocore's ``standard`` mode (AWS SDKs default to 3 attempts, too few for a long ingest of
+millions of objects against a throttling prefix).
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ import fsspec
 
 # Non-secret settings that decide *where* S3 requests go; safe to forward to Ray workers.
 _FORWARDED = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION",
-              "AWS_EC2_METADATA_DISABLED")
+              "AWS_EC2_METADATA_DISABLED", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE")
+DEFAULT_MAX_ATTEMPTS = 10  # first try included
+DEFAULT_RETRY_MODE = "standard"  # botocore: backoff with jitter; "adaptive" adds rate limiting
 
 
 def protocol(url: str) -> str:
@@ -39,12 +48,36 @@ def s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
+def s3_retries() -> dict:
+    """botocore retry settings: ``{"total_max_attempts": N, "mode": M}`` (AWS env vars win).
+
+    N counts the first try, as ``AWS_MAX_ATTEMPTS`` does (botocore's own ``max_attempts`` key
+    would count retries only).
+
+    ``standard`` mode retries throttling codes (SlowDown, Throttling, ...), HTTP 500/502/503/
+    504, timeouts and connection errors, sleeping ``rand(0, 1) * min(scale * 2**i, 20 s)``
+    in between (scale 1 s for throttling, 50 ms otherwise; botocore's retries/standard.py).
+    """
+    try:
+        attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or DEFAULT_MAX_ATTEMPTS)
+    except ValueError as exc:
+        raise ValueError(f"AWS_MAX_ATTEMPTS must be an integer, got "
+                         f"{os.environ['AWS_MAX_ATTEMPTS']!r}") from exc
+    mode = os.environ.get("AWS_RETRY_MODE") or DEFAULT_RETRY_MODE
+    if mode not in ("standard", "adaptive", "legacy"):
+        raise ValueError(f"AWS_RETRY_MODE must be standard, adaptive or legacy, got {mode!r}")
+    return {"total_max_attempts": max(attempts, 1), "mode": mode}
+
+
 def storage_options(url: str) -> dict:
     """fsspec keyword arguments for ``url`` (no credentials: those come from the AWS chain)."""
     if protocol(url) in ("s3", "s3a"):
+        options: dict = {"config_kwargs": {"retries": s3_retries()}}
         endpoint = s3_endpoint()
-        # no region_name in client_kwargs: s3fs would send it as a bucket LocationConstraint
-        return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+        if endpoint:
+            # no region_name in client_kwargs: s3fs would send it as a bucket LocationConstraint
+            options["client_kwargs"] = {"endpoint_url": endpoint}
+        return options
     return {}
 
 
@@ -65,7 +98,9 @@ def pyarrow_filesystem(url: str):
         return pafs.LocalFileSystem(), os.path.abspath(url.removeprefix("file://"))
     if protocol(url) in ("s3", "s3a"):
         parsed = urlparse(url)
-        kwargs = {}
+        # pyarrow's own AWS SDK client: same attempt count, standard backoff
+        kwargs = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(
+            max_attempts=s3_retries()["total_max_attempts"])}
         endpoint = s3_endpoint()
         if endpoint:
             ep = urlparse(endpoint)
