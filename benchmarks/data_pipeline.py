@@ -1,7 +1,17 @@
-"""Data-pipeline figures (issue 3). So far: `lasb ingest` throughput to local disk and to S3.
+"""Data-pipeline figures (issue 3): augmentation images/s per core, `lasb ingest` throughput to
+local disk and to S3, and (with --train) the training step fed by Ray Data vs pre-loaded tensors.
 
-    .venv/bin/python benchmarks/data_pipeline.py [--images 500] [--size 256]
+    .venv/bin/python benchmarks/data_pipeline.py [--images 500] [--size 256] [--train]
     .venv/bin/python benchmarks/data_pipeline.py --images 40 --size 64      # smoke test
+
+Augmentation: `lasb.augment.synthesize_batch` (DRAEM: Perlin mask, texture source, blend) on
+--size px images in this process with one thread, i.e. images/s per core; once with the image
+itself as texture source (the default) and once with a folder of textures when
+../shared/datasets/dtd_textures exists.
+
+Training feed (--train): runs `benchmarks/train_scaling.py --configs preloaded,ray1`, the same
+`cpu` preset steps in-process on pre-made pairs vs under Ray Train fed by the Ray Data stream,
+each in a fresh subprocess; the streaming cost is 1 - ray1/preloaded samples/s per stage.
 
 Ingest measurements, on one generated PNG category (demo texture, MVTec layout, train/good),
 each into a fresh destination, with one local Ray (started once, and warmed up by an untimed
@@ -144,6 +154,52 @@ def format_ingest(r: dict) -> str:
     return "\n".join(lines)
 
 
+def measure_augmentation(size: int, n: int = 64, seconds: float = 10.0) -> dict:
+    """DRAEM synthesis images/s on one core, per texture source."""
+    import numpy as np
+    import torch
+
+    from lasb.augment import AugmentConfig, load_anomaly_source, synthesize_batch
+    from lasb.demo_data import make_demo_category
+
+    torch.set_num_threads(1)
+    out = {"size": size}
+    with tempfile.TemporaryDirectory() as tmp:
+        make_demo_category(tmp, "aug", size=size, n_train=n, n_test_good=0, n_test_defect=0,
+                           seed=0)
+        folder = Path(tmp, "aug", "train", "good")
+        from lasb.data import decode_image
+
+        images = np.stack([decode_image(p.read_bytes(), str(p)) for p in sorted(folder.iterdir())])
+        dtd = HERE.parent.parent / "shared" / "datasets" / "dtd_textures"
+        sources = {"self": None}
+        if dtd.is_dir():
+            sources["dtd_textures"] = load_anomaly_source(str(dtd), size)
+        for name, source in sources.items():
+            done, t0, seed = 0, time.perf_counter(), 0
+            while time.perf_counter() - t0 < seconds:
+                seeds = np.arange(seed, seed + len(images))
+                synthesize_batch(images, seeds, AugmentConfig(), source)
+                done, seed = done + len(images), seed + len(images)
+            out[f"{name}_images_per_s_per_core"] = done / (time.perf_counter() - t0)
+    return out
+
+
+def measure_training_feed() -> dict:
+    """train_scaling.py's preloaded vs ray1 rows (the script runs each in a subprocess)."""
+    import subprocess
+
+    before = set((HERE / "results").glob("train_scaling-*.json"))
+    subprocess.run([sys.executable, str(HERE / "train_scaling.py"), "--configs",
+                    "preloaded,ray1"], check=True)
+    path = max(set((HERE / "results").glob("train_scaling-*.json")) - before)
+    rows = {r["config"]: r for r in json.loads(path.read_text())["rows"]}
+    return {"source": path.name, "rows": rows,
+            "streaming_cost": {stage: 1 - rows["ray1"][f"{stage}_samples_per_s"]
+                               / rows["preloaded"][f"{stage}_samples_per_s"]
+                               for stage in ("codec", "bridge")}}
+
+
 def write_results(key: str, data: dict) -> Path:
     """Merge ``data`` under ``key`` into today's results file (other measurements stay)."""
     results = HERE / "results"
@@ -164,13 +220,25 @@ def main() -> int:
                         help="small enough that ~500 images make several shards (parallel tasks)")
     parser.add_argument("--cpus-per-task", type=float, default=1.0)
     parser.add_argument("--work", help="scratch folder (default: a temporary one, removed)")
+    parser.add_argument("--train", action="store_true",
+                        help="also compare training fed by Ray Data with pre-loaded tensors")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     for k, v in (("RAY_USAGE_STATS_ENABLED", "0"), ("RAY_AUTH_MODE", "disabled")):
         os.environ.setdefault(k, v)
 
-    work = Path(args.work or tempfile.mkdtemp(prefix="lasb-dp-"))
     load_before = os.getloadavg()
+    augmentation = measure_augmentation(args.size)
+    print("augmentation (DRAEM, 1 core, {size} px): ".format(**augmentation) + ", ".join(
+        f"{k.removesuffix('_images_per_s_per_core')} {v:.1f} images/s"
+        for k, v in augmentation.items() if k != "size"))
+    print(f"results: {write_results('augmentation', augmentation)}")
+    if args.train:
+        feed = measure_training_feed()
+        print("training fed by Ray Data vs pre-loaded tensors, streaming cost: " + ", ".join(
+            f"{k} {100 * v:.0f}%" for k, v in feed["streaming_cost"].items()))
+        print(f"results: {write_results('training_feed', feed)}")
+    work = Path(args.work or tempfile.mkdtemp(prefix="lasb-dp-"))
     try:
         ingest = ingest_benchmarks(work, args.images, args.size, args.shard_mb,
                                    args.cpus_per_task)
