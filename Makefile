@@ -1,4 +1,4 @@
-# make demo: set up .venv and run the whole path on a generated texture category (~10 min, 2 cores)
+# make demo: set up .venv and run the whole path on a generated texture category (~8 min, 2 cores)
 # make test: set up .venv and run the test suite (real local Ray, moto S3 server, Ray Serve)
 VENV ?= .venv
 PY := $(VENV)/bin/python
