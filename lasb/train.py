@@ -130,6 +130,20 @@ def _all_reduce_mean(value: float, device: torch.device) -> float:
     return value
 
 
+def _optimization_state(opt, sched_lr, scaler) -> dict:
+    """What a stage needs besides its weights to continue exactly: optimizer, LR schedule,
+    GradScaler and the global torch RNG (q_sample noise, VAE sampling)."""
+    return {"opt": opt.state_dict(), "lr": sched_lr.state_dict(),
+            "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state()}
+
+
+def _restore_optimization(state: dict, opt, sched_lr, scaler) -> None:
+    opt.load_state_dict(state["opt"])
+    sched_lr.load_state_dict(state["lr"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["torch_rng"])
+
+
 # (stage, step, build_state): the callee decides whether to build and store the state (under
 # DDP only rank 0 does; every rank must still call ray.train.report)
 SaveCheckpoint = Callable[[str, int, Callable[[], dict]], None]
@@ -203,10 +217,7 @@ def train_models(
     sched_lr = _warmup(opt)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     if resumed == "codec":
-        opt.load_state_dict(state["opt"])
-        sched_lr.load_state_dict(state["lr"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["torch_rng"])
+        _restore_optimization(state, opt, sched_lr, scaler)
     t0 = time.perf_counter()
     for step in range(first, codec_steps + 1):
         b = next_batch()
@@ -220,9 +231,7 @@ def train_models(
         if due(step, codec_steps):
             checkpoint("codec", step, lambda step=step: {
                 "stage": "codec", "step": step, "codec": codec.model.state_dict(),
-                "opt": opt.state_dict(), "lr": sched_lr.state_dict(),
-                "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(),
-                "history": history})
+                **_optimization_state(opt, sched_lr, scaler), "history": history})
     codec.eval().requires_grad_(False)
 
     # ---- latent scale ---------------------------------------------------------------------
@@ -248,11 +257,8 @@ def train_models(
         denoiser.load_state_dict(state["denoiser"])
         ema.shadow.load_state_dict(state["ema"])
         ema.updates = state["ema_updates"]
-        opt.load_state_dict(state["opt"])
-        sched_lr.load_state_dict(state["lr"])
-        scaler.load_state_dict(state["scaler"])
+        _restore_optimization(state, opt, sched_lr, scaler)
         gen.set_state(state["gen"])
-        torch.set_rng_state(state["torch_rng"])
         first = state["step"] + 1
     t0 = time.perf_counter()
     running = 0.0
@@ -280,9 +286,8 @@ def train_models(
                 "stage": "bridge", "step": step, "codec": codec.model.state_dict(),
                 "scale": codec.scale, "denoiser": denoiser.state_dict(),
                 "ema": ema.shadow.state_dict(), "ema_updates": ema.updates,
-                "opt": opt.state_dict(), "lr": sched_lr.state_dict(),
-                "scaler": scaler.state_dict(), "gen": gen.get_state(),
-                "torch_rng": torch.get_rng_state(), "history": history})
+                **_optimization_state(opt, sched_lr, scaler), "gen": gen.get_state(),
+                "history": history})
     return TrainedModels(codec=codec, denoiser=ema.shadow, history=history)
 
 
